@@ -1,0 +1,66 @@
+#!/usr/bin/env python
+"""
+Train or evaluate detectors with FGD (Focal and Global Knowledge Distillation) in Detectron2.
+
+Reads like Detectron2's tools/train_net.py and accepts plain Detectron2 configs too (to train a teacher or a
+baseline student). Examples:
+
+    python train_net.py --config-file configs/fgd_faster_rcnn.yaml --num-gpus 8
+    python train_net.py --config-file configs/fgd_faster_rcnn.yaml --eval-only MODEL.WEIGHTS output/model_final.pth
+    python train_net.py --config-file configs/fgd_faster_rcnn.yaml --eval-only --eval-teacher
+"""
+from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.config import get_cfg
+
+from fgd_d2 import FGDTrainer, add_fgd_config
+from fgd_d2.checkpoint import FGDCheckpointer
+from fgd_d2.data import apply_coco_folder
+from fgd_d2.teacher import build_teacher
+
+
+def setup(args):
+    cfg = get_cfg()
+    add_fgd_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    apply_coco_folder(cfg)
+    cfg.freeze()
+    default_setup(cfg, args)
+    return cfg
+
+
+def main(args):
+    cfg = setup(args)
+    if args.eval_teacher:
+        teacher, _, _ = build_teacher(cfg)
+        return FGDTrainer.test(cfg, teacher)
+    if args.eval_only:
+        model = FGDTrainer.build_model(cfg, with_teacher=False)
+        FGDCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        return FGDTrainer.test(cfg, model)
+    trainer = FGDTrainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+def argument_parser():
+    parser = default_argument_parser()
+    parser.add_argument(
+        "--eval-teacher",
+        action="store_true",
+        help="evaluate the teacher of MODEL.FGD.TEACHER alone on DATASETS.TEST (a sanity check before training)",
+    )
+    return parser
+
+
+if __name__ == "__main__":
+    args = argument_parser().parse_args()
+    print("Command Line Args:", args)
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
