@@ -28,8 +28,10 @@ class FGDCheckpointer(DetectionCheckpointer):
     Our own training checkpoints (keys ``student.*`` and ``distill_losses.*``) load as they are; anything else
     (an ImageNet backbone ``.pkl``, a model-zoo ``.pkl``, a student-only ``.pth``) is loaded into
     ``model.student`` with Detectron2's usual conversions. The teacher is never touched. A checkpoint that loads
-    no weight at all is an error.
+    no weight at all is an error. ``last_incompatible`` keeps the missing / unexpected keys of the last load.
     """
+
+    last_incompatible = None
 
     def _load_model(self, checkpoint):
         state = checkpoint["model"]
@@ -38,10 +40,10 @@ class FGDCheckpointer(DetectionCheckpointer):
             if student is not None and not len(self.model.distill_losses):
                 # A student-only distiller (evaluation) ignores the loss modules of a training checkpoint.
                 checkpoint["model"] = {k: v for k, v in state.items() if k.startswith(STUDENT_PREFIX)}
-            target_keys = list(self.model.state_dict().keys())
+            target_keys = [name for name, _ in self.model.named_parameters()]
             incompatible = super()._load_model(checkpoint)
         else:
-            target_keys = list(student.state_dict().keys())
+            target_keys = [name for name, _ in student.named_parameters()]
             incompatible = DetectionCheckpointer(student)._load_model(checkpoint)
         not_loaded = set(incompatible.missing_keys) | {k for k, _, _ in incompatible.incorrect_shapes}
         if target_keys and not_loaded.issuperset(target_keys):
@@ -49,6 +51,7 @@ class FGDCheckpointer(DetectionCheckpointer):
                 "the checkpoint loads no weight into the model (none of its keys match, e.g. "
                 f"{sorted(state)[:3]}); check MODEL.WEIGHTS (or the last checkpoint in OUTPUT_DIR when resuming)"
             )
+        self.last_incompatible = incompatible
         return incompatible
 
 

@@ -6,13 +6,13 @@ from urllib.parse import urlparse
 
 import torch
 from detectron2 import model_zoo
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, get_cfg
 from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.structures import ImageList
 from detectron2.utils.file_io import PathManager
 from iopath.common.file_io import get_cache_dir
 
+from .checkpoint import FGDCheckpointer
 from .data import apply_coco_folder
 from .errors import ConfigError
 
@@ -126,15 +126,15 @@ def build_teacher(cfg: CfgNode):
     teacher = META_ARCH_REGISTRY.get(teacher_cfg.MODEL.META_ARCHITECTURE)(teacher_cfg)
     teacher.to(torch.device(teacher_cfg.MODEL.DEVICE))
 
-    checkpointer = DetectionCheckpointer(teacher)
+    checkpointer = FGDCheckpointer(teacher)
     try:
-        checkpoint = checkpointer._load_file(local)
-    except Exception as e:
+        checkpointer.load(local)
+    except Exception as e:  # unreadable file, wrong format, or no matching key at all
         raise ConfigError(
-            f"cannot read the teacher weights MODEL.FGD.TEACHER.WEIGHTS={weights!r}: {type(e).__name__}: {e}"
+            f"cannot load the teacher weights MODEL.FGD.TEACHER.WEIGHTS={weights!r}: {type(e).__name__}: {e}"
         ) from e
     state_keys = set(teacher.state_dict().keys())
-    incompatible = checkpointer._load_model(checkpoint)
+    incompatible = checkpointer.last_incompatible
     missing = set(incompatible.missing_keys)
     mismatched = {key for key, _, _ in incompatible.incorrect_shapes}
     not_loaded = missing | mismatched
