@@ -11,6 +11,8 @@ baseline student). Examples:
 """
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.config import get_cfg
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from fgd_d2 import FGDTrainer, add_fgd_config
 from fgd_d2.checkpoint import FGDCheckpointer
@@ -26,6 +28,7 @@ def setup(args):
     apply_coco_folder(cfg)
     cfg.freeze()
     default_setup(cfg, args)
+    setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="fgd_d2")
     return cfg
 
 

@@ -104,7 +104,7 @@ def test_teacher_uses_its_own_normalisation_and_format(tmp_path, teacher_format)
     x101_std = [57.375, 57.120, 58.395]
     teacher = tiny.write_teacher(tmp_path, extra=["MODEL.PIXEL_STD", x101_std, "INPUT.FORMAT", teacher_format,
                                                   "MODEL.PIXEL_MEAN", [123.675, 116.28, 103.53]])
-    model = build(teacher)
+    model = build(teacher, extra=["MODEL.PIXEL_STD", [1.0, 1.0, 1.0]])  # an MSRA-style student
     assert model.student.pixel_std.flatten().tolist() == [1.0, 1.0, 1.0]
     batch = tiny.make_batch()
     features = model.teacher_features(batch)

@@ -1,0 +1,55 @@
+"""Every shipped config loads and builds (the teacher swapped for a tiny local one: no network)."""
+from pathlib import Path
+
+import pytest
+import torch
+from detectron2.config import get_cfg
+
+import tiny
+from fgd_d2 import FGDDistiller, add_fgd_config
+from fgd_d2.teacher import load_teacher_config, teacher_weights_path
+
+CONFIGS = sorted(p for p in (tiny.REPO / "configs").rglob("*.yaml") if not p.name.startswith("Base-"))
+
+
+def load(path):
+    cfg = get_cfg()
+    add_fgd_config(cfg)
+    cfg.merge_from_file(str(path))
+    return cfg
+
+
+def test_there_are_configs():
+    names = {p.name for p in CONFIGS}
+    assert {"fgd_faster_rcnn.yaml", "fgd_retinanet.yaml", "fgd_mask_rcnn.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if p.parent.name == "configs" and p.name.startswith("fgd_")],
+                         ids=lambda p: p.name)
+def test_coco_config_reference_settings_and_model_zoo_teacher(path):
+    cfg = load(path)
+    assert cfg.MODEL.META_ARCHITECTURE == "FGDDistiller"
+    assert cfg.SOLVER.IMS_PER_BATCH == 16 and cfg.SOLVER.REFERENCE_WORLD_SIZE == 8
+    assert cfg.SOLVER.MAX_ITER == 180000  # 2x schedule
+    assert cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE == "full_model" and cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE == 35.0
+    assert cfg.SOLVER.BASE_LR == (0.02 if cfg.MODEL.FGD.STUDENT_META_ARCHITECTURE == "GeneralizedRCNN" else 0.01)
+    teacher_cfg = load_teacher_config(cfg)  # resolves the model-zoo config offline
+    assert teacher_cfg.MODEL.RESNETS.DEPTH == 101
+    assert teacher_weights_path(cfg).startswith("https://dl.fbaipublicfiles.com/detectron2/")
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(tiny.REPO / "configs")))
+def test_config_builds_with_a_tiny_local_teacher(path, tmp_path):
+    cfg = load(path)
+    arch = cfg.MODEL.FGD.STUDENT_META_ARCHITECTURE if cfg.MODEL.META_ARCHITECTURE == "FGDDistiller" else None
+    if arch is None:
+        pytest.skip("not a distillation config")
+    teacher_arch = "RetinaNet" if arch == "RetinaNet" else "GeneralizedRCNN"
+    config, weights, _ = tiny.write_teacher(tmp_path, arch=teacher_arch, fpn_channels=16,
+                                            extra=["MODEL.ROI_HEADS.NUM_CLASSES", cfg.MODEL.ROI_HEADS.NUM_CLASSES,
+                                                   "MODEL.RETINANET.NUM_CLASSES", cfg.MODEL.RETINANET.NUM_CLASSES])
+    cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", "MODEL.FGD.TEACHER.CONFIG_FILE", config,
+                         "MODEL.FGD.TEACHER.WEIGHTS", weights, "MODEL.FGD.TEACHER.OPTS", []])
+    model = FGDDistiller(cfg)
+    assert model.in_features
+    assert all(level in model.distill_losses for level in model.in_features)
