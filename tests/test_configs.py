@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 from detectron2.config import get_cfg
+from detectron2.modeling import build_model
 
 import tiny
 from fgd_d2 import FGDDistiller, add_fgd_config
@@ -42,8 +43,10 @@ def test_coco_config_reference_settings_and_model_zoo_teacher(path):
 def test_config_builds_with_a_tiny_local_teacher(path, tmp_path):
     cfg = load(path)
     arch = cfg.MODEL.FGD.STUDENT_META_ARCHITECTURE if cfg.MODEL.META_ARCHITECTURE == "FGDDistiller" else None
-    if arch is None:
-        pytest.skip("not a distillation config")
+    if arch is None:  # a plain detector (the CPU pipeline's teachers and students)
+        cfg.MODEL.DEVICE = "cpu"
+        assert sum(p.numel() for p in build_model(cfg).parameters()) > 0
+        return
     teacher_arch = "RetinaNet" if arch == "RetinaNet" else "GeneralizedRCNN"
     config, weights, _ = tiny.write_teacher(tmp_path, arch=teacher_arch, fpn_channels=16,
                                             extra=["MODEL.ROI_HEADS.NUM_CLASSES", cfg.MODEL.ROI_HEADS.NUM_CLASSES,
@@ -53,3 +56,30 @@ def test_config_builds_with_a_tiny_local_teacher(path, tmp_path):
     model = FGDDistiller(cfg)
     assert model.in_features
     assert all(level in model.distill_losses for level in model.in_features)
+
+
+@pytest.mark.parametrize("family", ["retinanet", "faster_rcnn"])
+def test_cpu_pipeline_configs(family, tmp_path):
+    """The FGD student is the plain student with the same schedule; the teacher is deeper and trains longer."""
+    from fgd_d2.pipeline import FAMILIES
+
+    paths = {k: tiny.REPO / v for k, v in FAMILIES[family].items() if k != "level"}
+    teacher, student, fgd = (load(paths[k]) for k in ("teacher", "student", "fgd_student"))
+    assert fgd.MODEL.META_ARCHITECTURE == "FGDDistiller"
+    assert fgd.MODEL.FGD.STUDENT_META_ARCHITECTURE == student.MODEL.META_ARCHITECTURE
+    assert tiny.REPO / fgd.MODEL.FGD.TEACHER.CONFIG_FILE == paths["teacher"]
+    assert teacher.MODEL.RESNETS.DEPTH > student.MODEL.RESNETS.DEPTH
+    assert teacher.SOLVER.MAX_ITER > student.SOLVER.MAX_ITER
+    same = fgd.clone()
+    same.merge_from_list(["MODEL.META_ARCHITECTURE", student.MODEL.META_ARCHITECTURE,
+                          "OUTPUT_DIR", student.OUTPUT_DIR])
+    same.MODEL.FGD = student.MODEL.FGD
+    assert same.dump() == student.dump()
+    # The FGD config builds with the real teacher architecture (random weights: nothing is trained here).
+    teacher.MODEL.DEVICE = "cpu"
+    weights = tmp_path / "teacher.pth"
+    torch.save({"model": build_model(teacher).state_dict()}, weights)
+    fgd.merge_from_list(["MODEL.FGD.TEACHER.CONFIG_FILE", str(paths["teacher"]),
+                         "MODEL.FGD.TEACHER.WEIGHTS", str(weights)])
+    model = FGDDistiller(fgd)
+    assert model.in_features == (["p3", "p4", "p5", "p6", "p7"] if family == "retinanet" else ["p2", "p3", "p4", "p5"])
