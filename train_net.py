@@ -9,12 +9,14 @@ baseline student). Examples:
     python train_net.py --config-file configs/fgd_faster_rcnn.yaml --eval-only MODEL.WEIGHTS output/model_final.pth
     python train_net.py --config-file configs/fgd_faster_rcnn.yaml --eval-only --eval-teacher
 """
+import sys
+
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.config import get_cfg
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from fgd_d2 import FGDTrainer, add_fgd_config
+from fgd_d2 import ConfigError, FGDTrainer, add_fgd_config
 from fgd_d2.checkpoint import FGDCheckpointer
 from fgd_d2.data import apply_coco_folder
 from fgd_d2.teacher import build_teacher
@@ -23,8 +25,12 @@ from fgd_d2.teacher import build_teacher
 def setup(args):
     cfg = get_cfg()
     add_fgd_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    try:
+        cfg.merge_from_file(args.config_file)
+        cfg.merge_from_list(args.opts)
+    except Exception as e:  # yacs and fvcore raise several types for bad files, keys and values
+        raise ConfigError(f"cannot read --config-file {args.config_file!r} with the options {args.opts}: "
+                          f"{type(e).__name__}: {e}") from e
     apply_coco_folder(cfg)
     cfg.freeze()
     default_setup(cfg, args)
@@ -59,11 +65,14 @@ def argument_parser():
 if __name__ == "__main__":
     args = argument_parser().parse_args()
     print("Command Line Args:", args)
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    try:
+        launch(
+            main,
+            args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=args.dist_url,
+            args=(args,),
+        )
+    except ConfigError as e:  # a configuration mistake: say which key to fix, without a stack trace
+        sys.exit(f"train_net.py: configuration error: {e}")
