@@ -120,7 +120,9 @@ def inherit_teacher_weights(student, teacher, teacher_loaded_keys=None) -> Tuple
     if skipped:
         logger.info("INHERIT_TEACHER skipped %d tensors: %s", len(skipped), "; ".join(skipped))
     if not any(not k.startswith("backbone.") for k in copied):
-        logger.warning("INHERIT_TEACHER: no head weight matched; only the FPN (if anything) was inherited")
+        inherited = "only the FPN was inherited" if copied else "nothing was inherited"
+        logger.warning("MODEL.FGD.INHERIT_TEACHER: no head weight of the teacher matches the student (different "
+                       "detector families or head shapes): the heads were not inherited, %s", inherited)
     return copied, skipped
 
 

@@ -69,3 +69,4 @@ def apply_coco_folder(cfg) -> None:
     cfg.DATASETS.TEST = (val_name,)
     cfg.MODEL.ROI_HEADS.NUM_CLASSES = num_classes
     cfg.MODEL.RETINANET.NUM_CLASSES = num_classes
+    cfg.MODEL.FCOS.NUM_CLASSES = num_classes

@@ -10,8 +10,9 @@ from torch import nn
 
 from .config import DEFAULT_LEVELS, FGD_PRESETS
 from .errors import ConfigError
-from .loss import FGDLoss
+from .loss import FEATURE_MASKS, FGDLoss
 from .masks import BOX_SCALING_MODES
+from .relation import RELATION_MODULES
 from .teacher import TeacherFeatureExtractor, build_teacher
 
 __all__ = ["FGDDistiller", "build_student", "resolve_loss_params"]
@@ -65,6 +66,17 @@ def resolve_loss_params(cfg: CfgNode) -> Dict[str, object]:
     if fgd.BOX_SCALING not in BOX_SCALING_MODES:
         raise ConfigError(f"MODEL.FGD.BOX_SCALING={fgd.BOX_SCALING!r}: use one of {list(BOX_SCALING_MODES)}")
     params["box_scaling"] = fgd.BOX_SCALING
+    for key, allowed in (("FEATURE_MASK", FEATURE_MASKS), ("RELATION", tuple(RELATION_MODULES))):
+        if fgd[key] not in allowed:
+            raise ConfigError(f"MODEL.FGD.{key}={fgd[key]!r}: use one of {list(allowed)}")
+    for key in ("FOCAL_LOSS", "GLOBAL_LOSS", "SPATIAL_ATTENTION", "CHANNEL_ATTENTION"):
+        if not isinstance(fgd[key], bool):
+            raise ConfigError(f"MODEL.FGD.{key}={fgd[key]!r}: use True or False")
+    if not (fgd.FOCAL_LOSS or fgd.GLOBAL_LOSS):
+        raise ConfigError("MODEL.FGD.FOCAL_LOSS and MODEL.FGD.GLOBAL_LOSS are both False: nothing to distil")
+    params.update(feature_mask=fgd.FEATURE_MASK, focal_loss=fgd.FOCAL_LOSS, global_loss=fgd.GLOBAL_LOSS,
+                  spatial_attention=fgd.SPATIAL_ATTENTION, channel_attention=fgd.CHANNEL_ATTENTION,
+                  relation=fgd.RELATION)
     return params
 
 

@@ -1,7 +1,7 @@
 """
 The FGD pipeline behind ``make demo``: teacher -> student alone -> student with FGD, evaluated, in one command.
 
-    python -m fgd_d2.pipeline [--data COCO_FOLDER] [--output DIR] [--family retinanet|faster_rcnn] [--quick]
+    python -m fgd_d2.pipeline [--data COCO_FOLDER] [--output DIR] [--family retinanet|faster_rcnn|fcos] [--quick]
                               [--seeds 0 1]
 
 Stages, each a ``train_net.py`` run of a config under ``configs/cpu/`` (Detectron2's logging shows progress and ETA):
@@ -56,6 +56,12 @@ FAMILIES = {
         student="configs/cpu/faster_rcnn_R18_student.yaml",
         fgd_student="configs/cpu/fgd_faster_rcnn_R18_from_R34.yaml",
         level="p2",
+    ),
+    "fcos": dict(
+        teacher="configs/cpu/fcos_R34_teacher.yaml",
+        student="configs/cpu/fcos_R18_student.yaml",
+        fgd_student="configs/cpu/fgd_fcos_R18_from_R34.yaml",
+        level="p3",
     ),
 }
 

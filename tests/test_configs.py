@@ -22,12 +22,13 @@ def load(path):
 
 def test_there_are_configs():
     names = {p.name for p in CONFIGS}
-    assert {"fgd_faster_rcnn.yaml", "fgd_retinanet.yaml", "fgd_mask_rcnn.yaml"} <= names
+    assert {"fgd_faster_rcnn.yaml", "fgd_retinanet.yaml", "fgd_mask_rcnn.yaml", "fgd_fcos.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", [p for p in CONFIGS if p.parent.name == "configs" and p.name.startswith("fgd_")],
                          ids=lambda p: p.name)
-def test_coco_config_reference_settings_and_model_zoo_teacher(path):
+def test_coco_config_reference_settings_and_teacher(path, monkeypatch):
+    monkeypatch.chdir(tiny.REPO)  # configs name their local files relative to the repository root
     cfg = load(path)
     assert cfg.MODEL.META_ARCHITECTURE == "FGDDistiller"
     assert cfg.SOLVER.IMS_PER_BATCH == 16 and cfg.SOLVER.REFERENCE_WORLD_SIZE == 8
@@ -36,7 +37,11 @@ def test_coco_config_reference_settings_and_model_zoo_teacher(path):
     assert cfg.SOLVER.BASE_LR == (0.02 if cfg.MODEL.FGD.STUDENT_META_ARCHITECTURE == "GeneralizedRCNN" else 0.01)
     teacher_cfg = load_teacher_config(cfg)  # resolves the model-zoo config offline
     assert teacher_cfg.MODEL.RESNETS.DEPTH == 101
-    assert teacher_weights_path(cfg).startswith("https://dl.fbaipublicfiles.com/detectron2/")
+    if cfg.MODEL.FGD.STUDENT_META_ARCHITECTURE == "FCOS":  # the model zoo has no trained FCOS: a local teacher
+        assert teacher_cfg.MODEL.META_ARCHITECTURE == "FCOS"
+        assert teacher_weights_path(cfg) == "output/fcos_R_101_FPN_teacher/model_final.pth"
+    else:
+        assert teacher_weights_path(cfg).startswith("https://dl.fbaipublicfiles.com/detectron2/")
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(tiny.REPO / "configs")))
@@ -47,10 +52,10 @@ def test_config_builds_with_a_tiny_local_teacher(path, tmp_path):
         cfg.MODEL.DEVICE = "cpu"
         assert sum(p.numel() for p in build_model(cfg).parameters()) > 0
         return
-    teacher_arch = "RetinaNet" if arch == "RetinaNet" else "GeneralizedRCNN"
-    config, weights, _ = tiny.write_teacher(tmp_path, arch=teacher_arch, fpn_channels=16,
+    config, weights, _ = tiny.write_teacher(tmp_path, arch=arch, fpn_channels=16,
                                             extra=["MODEL.ROI_HEADS.NUM_CLASSES", cfg.MODEL.ROI_HEADS.NUM_CLASSES,
-                                                   "MODEL.RETINANET.NUM_CLASSES", cfg.MODEL.RETINANET.NUM_CLASSES])
+                                                   "MODEL.RETINANET.NUM_CLASSES", cfg.MODEL.RETINANET.NUM_CLASSES,
+                                                   "MODEL.FCOS.NUM_CLASSES", cfg.MODEL.FCOS.NUM_CLASSES])
     cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", "MODEL.FGD.TEACHER.CONFIG_FILE", config,
                          "MODEL.FGD.TEACHER.WEIGHTS", weights, "MODEL.FGD.TEACHER.OPTS", []])
     model = FGDDistiller(cfg)
@@ -58,7 +63,7 @@ def test_config_builds_with_a_tiny_local_teacher(path, tmp_path):
     assert all(level in model.distill_losses for level in model.in_features)
 
 
-@pytest.mark.parametrize("family", ["retinanet", "faster_rcnn"])
+@pytest.mark.parametrize("family", ["retinanet", "faster_rcnn", "fcos"])
 def test_cpu_pipeline_configs(family, tmp_path):
     """The FGD student is the plain student with the same schedule; the teacher is deeper and trains longer."""
     from fgd_d2.pipeline import FAMILIES
@@ -82,4 +87,4 @@ def test_cpu_pipeline_configs(family, tmp_path):
     fgd.merge_from_list(["MODEL.FGD.TEACHER.CONFIG_FILE", str(paths["teacher"]),
                          "MODEL.FGD.TEACHER.WEIGHTS", str(weights)])
     model = FGDDistiller(fgd)
-    assert model.in_features == (["p3", "p4", "p5", "p6", "p7"] if family == "retinanet" else ["p2", "p3", "p4", "p5"])
+    assert model.in_features == (["p2", "p3", "p4", "p5"] if family == "faster_rcnn" else ["p3", "p4", "p5", "p6", "p7"])

@@ -14,7 +14,7 @@ def test_imports():
 
     assert callable(fgd_d2.add_fgd_config)
     from detectron2.modeling import META_ARCH_REGISTRY
-    assert "FGDDistiller" in META_ARCH_REGISTRY
+    assert "FGDDistiller" in META_ARCH_REGISTRY and "FCOS" in META_ARCH_REGISTRY
 
 
 def test_add_fgd_config_defines_the_keys():
@@ -25,7 +25,7 @@ def test_add_fgd_config_defines_the_keys():
     assert fgd.TEACHER.CONFIG_FILE == "" and list(fgd.TEACHER.OPTS) == [] and list(fgd.IN_FEATURES) == []
 
 
-@pytest.mark.parametrize("arch", ["RetinaNet", "GeneralizedRCNN"])
+@pytest.mark.parametrize("arch", ["RetinaNet", "GeneralizedRCNN", "FCOS"])
 def test_one_training_step_of_a_tiny_model_zoo_detector(arch):
     torch.manual_seed(0)
     model = build_model(tiny.detector_cfg(arch))

@@ -19,7 +19,11 @@ ZOO_CONFIGS = {
     "RetinaNet": "COCO-Detection/retinanet_R_50_FPN_1x.yaml",
     "GeneralizedRCNN": "COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml",
     "GeneralizedRCNN-C4": "COCO-Detection/faster_rcnn_R_50_C4_1x.yaml",  # no FPN
+    "FCOS": "COCO-Detection/retinanet_R_50_FPN_1x.yaml",  # + FCOS_OPTS: the model zoo has FCOS only as lazy config
 }
+
+FCOS_OPTS = ["MODEL.META_ARCHITECTURE", "FCOS", "MODEL.BACKBONE.NAME", "build_fcos_resnet_fpn_backbone",
+             "MODEL.FCOS.NUM_CLASSES", 3, "MODEL.FCOS.NUM_CONVS", 1, "MODEL.FCOS.NORM", ""]
 
 COMMON = [
     "MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", "MODEL.PIXEL_STD", [57.375, 57.120, 58.395],
@@ -40,7 +44,8 @@ def detector_cfg(arch="RetinaNet", fpn_channels=16, extra=()):
     cfg = get_cfg()
     add_fgd_config(cfg)
     cfg.merge_from_file(model_zoo.get_config_file(ZOO_CONFIGS[arch]))
-    cfg.merge_from_list(COMMON + ["MODEL.FPN.OUT_CHANNELS", fpn_channels] + list(extra))
+    cfg.merge_from_list(COMMON + ["MODEL.FPN.OUT_CHANNELS", fpn_channels] + (FCOS_OPTS if arch == "FCOS" else [])
+                        + list(extra))
     return cfg
 
 
