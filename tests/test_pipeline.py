@@ -50,6 +50,18 @@ def test_quick_pipeline_end_to_end(tmp_path):
     assert proc.stderr.count("not run again") == 3
 
 
+@pytest.mark.parametrize("family, level", [("faster_rcnn", "p2"), ("fcos", "p3")])
+def test_quick_pipeline_of_the_other_families(tmp_path, family, level):
+    output = tmp_path / family
+    cmd = [sys.executable, "-m", "fgd_d2.pipeline", "--quick", "--family", family, "--output", str(output)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    results = _strict_json(output / "results.json")
+    assert results["family"] == family and {"teacher", "student", "fgd_student"} <= set(results)
+    assert f"fgd/{level}/fg" in (output / "fgd_student_seed0" / "metrics.json").read_text()
+    assert (output / "attention.png").is_file()
+
+
 def test_read_bbox_metrics_takes_the_last_evaluation_and_maps_nan_to_null(tmp_path):
     path = tmp_path / "metrics.json"
     lines = [
