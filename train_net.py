@@ -11,6 +11,7 @@ baseline student). Examples:
 """
 import sys
 
+from torch.multiprocessing import ProcessExitedException
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.config import get_cfg
 from detectron2.utils import comm
@@ -29,7 +30,7 @@ def setup(args):
         cfg.merge_from_file(args.config_file)
         cfg.merge_from_list(args.opts)
     except Exception as e:  # yacs and fvcore raise several types for bad files, keys and values
-        raise ConfigError(f"cannot read --config-file {args.config_file!r} with the options {args.opts}: "
+        raise ConfigError(f"invalid configuration (--config-file {args.config_file!r}, options {args.opts}): "
                           f"{type(e).__name__}: {e}") from e
     apply_coco_folder(cfg)
     cfg.freeze()
@@ -44,12 +45,23 @@ def main(args):
         teacher, _, _ = build_teacher(cfg)
         return FGDTrainer.test(cfg, teacher)
     if args.eval_only:
+        if not cfg.MODEL.WEIGHTS and not (args.resume and FGDCheckpointer(None, cfg.OUTPUT_DIR).has_checkpoint()):
+            raise ConfigError("--eval-only evaluates the student of MODEL.WEIGHTS, which is empty: set MODEL.WEIGHTS "
+                              "(or use --resume with a checkpoint in OUTPUT_DIR)")
         model = FGDTrainer.build_model(cfg, with_teacher=False)
         FGDCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         return FGDTrainer.test(cfg, model)
     trainer = FGDTrainer(cfg)
     trainer.resume_or_load(resume=args.resume)
     return trainer.train()
+
+
+def main_reporting_config_errors(args):
+    """``main``, with a configuration mistake reported in one line (also from worker processes), not a traceback."""
+    try:
+        return main(args)
+    except ConfigError as e:
+        sys.exit(f"train_net.py: configuration error: {e}")
 
 
 def argument_parser():
@@ -67,12 +79,12 @@ if __name__ == "__main__":
     print("Command Line Args:", args)
     try:
         launch(
-            main,
+            main_reporting_config_errors,
             args.num_gpus,
             num_machines=args.num_machines,
             machine_rank=args.machine_rank,
             dist_url=args.dist_url,
             args=(args,),
         )
-    except ConfigError as e:  # a configuration mistake: say which key to fix, without a stack trace
-        sys.exit(f"train_net.py: configuration error: {e}")
+    except ProcessExitedException as e:  # a worker exited, after printing why
+        sys.exit(f"train_net.py: {e}")

@@ -1,5 +1,4 @@
 """Checkpoints of the distiller: loading student weights, student-only export, teacher inheritance."""
-import argparse
 import logging
 import os
 from typing import Dict, List, Tuple
@@ -32,6 +31,20 @@ class FGDCheckpointer(DetectionCheckpointer):
     """
 
     last_incompatible = None
+
+    def load(self, path, *args, **kwargs):
+        """fvcore's ``load``, with a missing or unfetchable file as a ``ConfigError`` instead of an assertion."""
+        if path:
+            try:
+                local = self.path_manager.get_local_path(path)
+            except Exception as e:  # a URL that cannot be fetched offline
+                raise ConfigError(
+                    f"cannot fetch the checkpoint {path!r} ({type(e).__name__}: {e}); check MODEL.WEIGHTS, or "
+                    "pre-seed the download cache ($FVCORE_CACHE, else ~/.torch/iopath_cache)"
+                ) from e
+            if not os.path.isfile(local):
+                raise ConfigError(f"the checkpoint {path!r} does not exist; check MODEL.WEIGHTS")
+        return super().load(path, *args, **kwargs)
 
     def _load_model(self, checkpoint):
         state = checkpoint["model"]
@@ -124,18 +137,3 @@ def inherit_teacher_weights(student, teacher, teacher_loaded_keys=None) -> Tuple
         logger.warning("MODEL.FGD.INHERIT_TEACHER: no head weight of the teacher matches the student (different "
                        "detector families or head shapes): the heads were not inherited, %s", inherited)
     return copied, skipped
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description="Export the student of an FGDDistiller checkpoint as a plain Detectron2 checkpoint."
-    )
-    parser.add_argument("checkpoint", help="an FGD training checkpoint, e.g. output/model_0004999.pth")
-    parser.add_argument("output", help="where to write the student-only .pth")
-    args = parser.parse_args(argv)
-    count = export_student(args.checkpoint, args.output)
-    print(f"wrote {count} student tensors to {args.output}")
-
-
-if __name__ == "__main__":
-    main()

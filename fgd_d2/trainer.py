@@ -57,6 +57,11 @@ class FGDTrainer(DefaultTrainer):
             setup_logger()
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
         model = self.build_model(cfg)
+        # A fresh run loads MODEL.WEIGHTS now, so that an unusable file fails before the dataset is read;
+        # resume_or_load then does not load it again.
+        self._weights_loaded = bool(cfg.MODEL.WEIGHTS) and not FGDCheckpointer(model, cfg.OUTPUT_DIR).has_checkpoint()
+        if self._weights_loaded:
+            FGDCheckpointer(model, cfg.OUTPUT_DIR).load(cfg.MODEL.WEIGHTS, checkpointables=[])
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
         ddp_kwargs = {"device_ids": None} if torch.device(cfg.MODEL.DEVICE).type == "cpu" else {}
@@ -110,7 +115,8 @@ class FGDTrainer(DefaultTrainer):
     def resume_or_load(self, resume=True):
         """Load the last checkpoint (resume) or MODEL.WEIGHTS; then, on a fresh start only, inherit the teacher."""
         resuming = resume and self.checkpointer.has_checkpoint()
-        super().resume_or_load(resume=resume)
+        if resuming or not self._weights_loaded:
+            super().resume_or_load(resume=resume)
         model = _unwrap(self.model)
         if not resuming and isinstance(model, FGDDistiller) and self.cfg.MODEL.FGD.INHERIT_TEACHER:
             inherit_teacher_weights(model.student, model.teacher, model.teacher_loaded_keys)

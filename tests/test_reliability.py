@@ -92,9 +92,13 @@ def test_feature_size_mismatch_names_the_level_and_both_shapes(files, monkeypatc
         (["MODEL.FGD.TEACHER.WEIGHTS", "/nonexistent/teacher.pth"], "MODEL.FGD.TEACHER.WEIGHTS"),
         (["MODEL.FGD.TEACHER.CONFIG_FILE", "/nonexistent/teacher.yaml"], "MODEL.FGD.TEACHER.CONFIG_FILE"),
         (["DATASETS.COCO_FOLDER", "/nonexistent/data"], "DATASETS.COCO_FOLDER='/nonexistent/data'"),
+        (["MODEL.WEIGHTS", "/nonexistent/student.pth"], "'/nonexistent/student.pth' does not exist; check MODEL.WEIGHTS"),
+        (["MODEL.FGD.FEATURE_MASK", "boxes"], "MODEL.FGD.FEATURE_MASK='boxes'"),
+        (["MODEL.FGD.NOT_A_KEY", 1], "Non-existent key: MODEL.FGD.NOT_A_KEY"),
+        (["SOLVER.MAX_ITER"], "odd length"),
     ],
     ids=["negative-weight", "temperature", "box-scaling", "in-features", "teacher-weights", "teacher-config",
-         "dataset-folder"],
+         "dataset-folder", "student-weights-missing", "feature-mask", "unknown-key", "odd-options"],
 )
 def test_train_net_reports_config_errors_without_traceback_before_data_loading(files, opts, message):
     config = write_config(files, "fgd")
@@ -118,6 +122,39 @@ def test_model_weights_that_load_nothing_fail_before_training(files, tmp_path):
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0 and "loads no weight" in output and "MODEL.WEIGHTS" in output, output[-3000:]
     assert "Traceback" not in output and "Starting training" not in output
+    assert "Loaded 4 images" not in output  # before the dataset is read
+
+
+def test_eval_only_without_student_weights_is_an_error(files, tmp_path):
+    config = write_config(files, "fgd")
+    proc = run_train_net(["--config-file", config, "--eval-only", "OUTPUT_DIR", tmp_path / "out"], timeout=120)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "--eval-only evaluates the student of MODEL.WEIGHTS" in output, output[-3000:]
+    assert "Traceback" not in output
+    proc = run_train_net(["--config-file", config, "--eval-only", "MODEL.WEIGHTS", tmp_path / "absent.pth",
+                          "OUTPUT_DIR", tmp_path / "out"], timeout=120)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "does not exist; check MODEL.WEIGHTS" in output and "Traceback" not in output
+
+
+def test_config_error_in_two_worker_processes_has_no_traceback(files, tmp_path):
+    config = write_config(files, "fgd")
+    proc = run_train_net(["--config-file", config, "--num-gpus", 2, "--dist-url", "auto", "OUTPUT_DIR",
+                          tmp_path / "out", "MODEL.FGD.ALPHA", -1.0], timeout=300)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0, output[-3000:]
+    assert "configuration error: MODEL.FGD.ALPHA is a loss weight and must be >= 0" in output, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+
+
+def test_export_command_errors_are_one_line(files, tmp_path):
+    for source, message in ((files["teacher_weights"], "is not an FGDDistiller checkpoint"),
+                            (tmp_path / "absent.pth", "No such file")):
+        proc = subprocess.run([sys.executable, "-m", "fgd_d2.export", str(source), str(tmp_path / "s.pth")],
+                              cwd=tiny.REPO, capture_output=True, text=True, timeout=120)
+        output = proc.stdout + proc.stderr
+        assert proc.returncode != 0 and message in output and "Traceback" not in output, output[-3000:]
+        assert not (tmp_path / "s.pth").exists()
 
 
 # ---------------------------------------------------------------- bad data: no NaN
