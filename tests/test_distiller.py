@@ -88,6 +88,23 @@ def test_teacher_is_frozen_eval_and_outside_state_and_optimizer(teacher_files):
     assert any(not torch.equal(v, student_before[k]) for k, v in model.student.state_dict().items())
 
 
+def test_teacher_forward_keeps_no_activations_for_backward(teacher_files):
+    model = build(teacher_files)
+    model.train()
+    saved = []
+
+    def pack(tensor):
+        saved.append(tuple(tensor.shape))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        features = model.teacher_features(tiny.make_batch())
+    assert saved == [] and all(not f.requires_grad for f in features.values())
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), EventStorage():
+        model.student(tiny.make_batch())
+    assert saved  # the hook does see what a graph-building forward saves
+
+
 def test_eval_forward_returns_the_students_detections(teacher_files):
     model = build(teacher_files)
     model.eval()
