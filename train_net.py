@@ -11,6 +11,7 @@ baseline student). Examples:
 """
 import sys
 
+import torch
 from torch.multiprocessing import ProcessExitedException
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.config import get_cfg
@@ -18,6 +19,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from fgd_d2 import ConfigError, FGDTrainer, add_fgd_config
+from fgd_d2.errors import brief
 from fgd_d2.checkpoint import FGDCheckpointer
 from fgd_d2.data import apply_coco_folder
 from fgd_d2.teacher import build_teacher
@@ -31,7 +33,10 @@ def setup(args):
         cfg.merge_from_list(args.opts)
     except Exception as e:  # yacs and fvcore raise several types for bad files, keys and values
         raise ConfigError(f"invalid configuration (--config-file {args.config_file!r}, options {args.opts}): "
-                          f"{type(e).__name__}: {e}") from e
+                          f"{brief(e)}") from e
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"MODEL.DEVICE={cfg.MODEL.DEVICE!r}, but torch finds no CUDA device on this machine; "
+                          "set MODEL.DEVICE cpu")
     apply_coco_folder(cfg)
     cfg.freeze()
     default_setup(cfg, args)

@@ -7,7 +7,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils.file_io import PathManager
 
-from .errors import ConfigError
+from .errors import ConfigError, brief
 
 __all__ = ["FGDCheckpointer", "export_student", "inherit_teacher_weights", "STUDENT_PREFIX"]
 
@@ -32,19 +32,48 @@ class FGDCheckpointer(DetectionCheckpointer):
 
     last_incompatible = None
 
+    def __init__(self, model, save_dir: str = "", *, weights_key: str = "MODEL.WEIGHTS", **kwargs):
+        """
+        Args:
+            weights_key: the config key that names the weights this checkpointer loads, for error messages.
+        """
+        super().__init__(model, save_dir, **kwargs)
+        self.weights_key = weights_key
+
     def load(self, path, *args, **kwargs):
-        """fvcore's ``load``, with a missing or unfetchable file as a ``ConfigError`` instead of an assertion."""
+        """fvcore's ``load``, with a missing, unfetchable or unreadable file as a ``ConfigError``."""
         if path:
             try:
                 local = self.path_manager.get_local_path(path)
             except Exception as e:  # a URL that cannot be fetched offline
                 raise ConfigError(
-                    f"cannot fetch the checkpoint {path!r} ({type(e).__name__}: {e}); check MODEL.WEIGHTS, or "
-                    "pre-seed the download cache ($FVCORE_CACHE, else ~/.torch/iopath_cache)"
+                    f"cannot fetch the checkpoint {path!r} ({brief(e)}); {self._source_hint(path)}, "
+                    "or pre-seed the download cache ($FVCORE_CACHE, else ~/.torch/iopath_cache)"
                 ) from e
             if not os.path.isfile(local):
-                raise ConfigError(f"the checkpoint {path!r} does not exist; check MODEL.WEIGHTS")
+                raise ConfigError(f"the checkpoint {path!r} does not exist; {self._source_hint(path)}")
         return super().load(path, *args, **kwargs)
+
+    def _load_file(self, filename):
+        try:
+            checkpoint = super()._load_file(filename)
+        except Exception as e:  # torch / pickle raise many types for truncated or foreign files
+            raise ConfigError(
+                f"cannot read the checkpoint {filename!r}: not a Detectron2 checkpoint (.pth with a state dict, "
+                f"or a model-zoo .pkl), or corrupted ({brief(e)}); {self._source_hint(filename)}"
+            ) from e
+        if not isinstance(checkpoint.get("model"), dict):
+            raise ConfigError(f"the checkpoint {filename!r} holds no state dict under 'model'; "
+                              f"{self._source_hint(filename)}")
+        return checkpoint
+
+    def _source_hint(self, path) -> str:
+        """Which setting named ``path``: the last checkpoint of OUTPUT_DIR (--resume) or MODEL.WEIGHTS."""
+        if self.save_dir and self.has_checkpoint() and os.path.abspath(path) == os.path.abspath(
+                self.get_checkpoint_file()):
+            return (f"it is the last checkpoint named by {os.path.join(self.save_dir, 'last_checkpoint')}: point "
+                    "that file at an intact checkpoint, or run without --resume")
+        return f"check {self.weights_key}"
 
     def _load_model(self, checkpoint):
         state = checkpoint["model"]
@@ -62,7 +91,7 @@ class FGDCheckpointer(DetectionCheckpointer):
         if target_keys and not_loaded.issuperset(target_keys):
             raise ConfigError(
                 "the checkpoint loads no weight into the model (none of its keys match, e.g. "
-                f"{sorted(state)[:3]}); check MODEL.WEIGHTS (or the last checkpoint in OUTPUT_DIR when resuming)"
+                f"{sorted(state)[:3]}); check {self.weights_key} (or the last checkpoint in OUTPUT_DIR when resuming)"
             )
         self.last_incompatible = incompatible
         return incompatible
@@ -85,9 +114,12 @@ def export_student(src: str, dst: str) -> int:
         the number of tensors written.
     """
     with PathManager.open(src, "rb") as f:
-        checkpoint = torch.load(f, map_location="cpu", weights_only=False)
-    state = checkpoint.get("model", checkpoint)
-    if not _is_distiller_state(state):
+        try:
+            checkpoint = torch.load(f, map_location="cpu", weights_only=False)
+        except Exception as e:  # torch / pickle raise many types for truncated or foreign files
+            raise ConfigError(f"cannot read {src} as a checkpoint ({brief(e)})") from e
+    state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict) or not _is_distiller_state(state):
         raise ConfigError(f"{src} is not an FGDDistiller checkpoint (no '{STUDENT_PREFIX}*' keys)")
     student = student_state_dict(state)
     save_student(student, dst)

@@ -1,4 +1,5 @@
 """Datasets given by path: any COCO-format folder, registered from ``DATASETS.COCO_FOLDER``."""
+import functools
 import hashlib
 import json
 import os
@@ -40,20 +41,38 @@ def register_coco_folder(folder: str):
     """
     folder = os.path.abspath(folder)
     image_root, train_json, val_json = coco_folder_files(folder)
-    try:
-        with open(train_json) as f:
-            categories = json.load(f).get("categories", [])
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"DATASETS.COCO_FOLDER: cannot read {train_json}: {e}") from e
-    if not categories:
-        raise ConfigError(f"DATASETS.COCO_FOLDER: {train_json} lists no categories")
+    num_classes = _checked_num_classes(train_json, val_json)
     # The path's hash keeps two folders of the same name apart within one process.
     prefix = f"{os.path.basename(folder)}_{hashlib.sha1(folder.encode()).hexdigest()[:6]}"
     names = (f"{prefix}_train", f"{prefix}_val")
     for name, json_file in zip(names, (train_json, val_json)):
         if name not in DatasetCatalog.list():
             register_coco_instances(name, {}, json_file, image_root)
-    return names[0], names[1], len(categories)
+    return names[0], names[1], num_classes
+
+
+@functools.lru_cache(maxsize=None)
+def _checked_num_classes(train_json: str, val_json: str) -> int:
+    """
+    Number of categories of a COCO folder, after checking that both annotation files parse as COCO instance files
+    with the same categories (the validation file is otherwise read only by the evaluation after training).
+    """
+    categories = []
+    for path in (train_json, val_json):
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"DATASETS.COCO_FOLDER: cannot read {path}: {e}") from e
+        missing = [k for k in ("images", "annotations", "categories") if not isinstance(data, dict) or k not in data]
+        if missing:
+            raise ConfigError(f"DATASETS.COCO_FOLDER: {path} is not a COCO instances file (no {missing})")
+        if not data["categories"]:
+            raise ConfigError(f"DATASETS.COCO_FOLDER: {path} lists no categories")
+        categories.append(sorted((c.get("id"), c.get("name")) for c in data["categories"]))
+    if categories[0] != categories[1]:
+        raise ConfigError(f"DATASETS.COCO_FOLDER: {train_json} and {val_json} list different categories")
+    return len(categories[0])
 
 
 def apply_coco_folder(cfg) -> None:

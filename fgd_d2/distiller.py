@@ -1,5 +1,6 @@
 """``FGDDistiller``: the meta-architecture that trains a student detector with FGD from a frozen teacher."""
 import logging
+import math
 from typing import Dict, List, Optional
 
 import torch
@@ -9,6 +10,7 @@ from detectron2.utils.events import get_event_storage
 from torch import nn
 
 from .config import DEFAULT_LEVELS, FGD_PRESETS
+from .detectors import build_detector
 from .errors import ConfigError
 from .loss import FEATURE_MASKS, FGDLoss
 from .masks import BOX_SCALING_MODES
@@ -31,8 +33,7 @@ def build_student(cfg: CfgNode) -> nn.Module:
     student_cfg = cfg.clone()
     student_cfg.defrost()
     student_cfg.MODEL.META_ARCHITECTURE = arch
-    student = META_ARCH_REGISTRY.get(arch)(student_cfg)
-    return student.to(torch.device(cfg.MODEL.DEVICE))
+    return build_detector(student_cfg, "student", "MODEL.FGD.STUDENT_META_ARCHITECTURE")
 
 
 def resolve_loss_params(cfg: CfgNode) -> Dict[str, object]:
@@ -58,10 +59,10 @@ def resolve_loss_params(cfg: CfgNode) -> Dict[str, object]:
             value = float(value)  # YAML reads "1e-3" (no dot) as a string
         except (TypeError, ValueError):
             raise ConfigError(f"MODEL.FGD.{key}={value!r} is not a number") from None
-        if key == "TEMPERATURE" and not value > 0:
-            raise ConfigError(f"MODEL.FGD.TEMPERATURE must be > 0, got {value}")
-        if key != "TEMPERATURE" and not value >= 0:
-            raise ConfigError(f"MODEL.FGD.{key} is a loss weight and must be >= 0, got {value}")
+        if key == "TEMPERATURE" and not 0 < value < math.inf:
+            raise ConfigError(f"MODEL.FGD.TEMPERATURE must be a finite number > 0, got {value}")
+        if key != "TEMPERATURE" and not 0 <= value < math.inf:
+            raise ConfigError(f"MODEL.FGD.{key} is a loss weight and must be a finite number >= 0, got {value}")
         params[arg] = value
     if fgd.BOX_SCALING not in BOX_SCALING_MODES:
         raise ConfigError(f"MODEL.FGD.BOX_SCALING={fgd.BOX_SCALING!r}: use one of {list(BOX_SCALING_MODES)}")

@@ -7,14 +7,14 @@ from urllib.parse import urlparse
 import torch
 from detectron2 import model_zoo
 from detectron2.config import CfgNode, get_cfg
-from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.structures import ImageList
 from detectron2.utils.file_io import PathManager
 from iopath.common.file_io import get_cache_dir
 
 from .checkpoint import FGDCheckpointer
 from .data import apply_coco_folder
-from .errors import ConfigError
+from .detectors import build_detector
+from .errors import ConfigError, brief
 
 __all__ = ["build_teacher", "load_teacher_config", "teacher_weights_path", "TeacherFeatureExtractor"]
 
@@ -47,8 +47,8 @@ def load_teacher_config(cfg: CfgNode) -> CfgNode:
             path = model_zoo.get_config_file(config_file)
         except RuntimeError:
             raise ConfigError(
-                f"MODEL.FGD.TEACHER.CONFIG_FILE={config_file!r} is neither an existing file nor a config of "
-                "Detectron2's model zoo; fix the path"
+                f"MODEL.FGD.TEACHER.CONFIG_FILE={config_file!r} is neither an existing file (relative paths are "
+                f"read from the current directory, {os.getcwd()}) nor a config of Detectron2's model zoo; fix the path"
             ) from None
     teacher_cfg = get_cfg()
     add_fgd_config(teacher_cfg)
@@ -58,7 +58,7 @@ def load_teacher_config(cfg: CfgNode) -> CfgNode:
     except Exception as e:  # yacs raises several types for bad files and keys
         raise ConfigError(
             f"cannot read the teacher config MODEL.FGD.TEACHER.CONFIG_FILE={config_file!r} with "
-            f"MODEL.FGD.TEACHER.OPTS={list(cfg.MODEL.FGD.TEACHER.OPTS)}: {type(e).__name__}: {e}"
+            f"MODEL.FGD.TEACHER.OPTS={list(cfg.MODEL.FGD.TEACHER.OPTS)}: {brief(e)}"
         ) from e
     teacher_cfg.MODEL.DEVICE = cfg.MODEL.DEVICE
     if not teacher_cfg.DATASETS.COCO_FOLDER:  # the teacher knows the student's classes
@@ -99,7 +99,7 @@ def _local_weights_file(weights: str) -> str:
         if not is_url:
             raise
         raise ConfigError(
-            f"cannot fetch the teacher weights MODEL.FGD.TEACHER.WEIGHTS={weights!r} ({type(e).__name__}: {e}). "
+            f"cannot fetch the teacher weights MODEL.FGD.TEACHER.WEIGHTS={weights!r} ({brief(e)}). "
             f"Offline, set MODEL.FGD.TEACHER.WEIGHTS to a local file, or pre-seed the download cache with the "
             f"file at {_cache_path(weights)} (the cache root is $FVCORE_CACHE, else ~/.torch/iopath_cache)"
         ) from e
@@ -123,15 +123,16 @@ def build_teacher(cfg: CfgNode):
     teacher_cfg = load_teacher_config(cfg)
     weights = teacher_weights_path(cfg)
     local = _local_weights_file(weights)
-    teacher = META_ARCH_REGISTRY.get(teacher_cfg.MODEL.META_ARCHITECTURE)(teacher_cfg)
-    teacher.to(torch.device(teacher_cfg.MODEL.DEVICE))
+    teacher = build_detector(teacher_cfg, "teacher", "MODEL.META_ARCHITECTURE of MODEL.FGD.TEACHER.CONFIG_FILE")
 
-    checkpointer = FGDCheckpointer(teacher)
+    checkpointer = FGDCheckpointer(teacher, weights_key="MODEL.FGD.TEACHER.WEIGHTS")
     try:
         checkpointer.load(local)
-    except Exception as e:  # unreadable file, wrong format, or no matching key at all
+    except ConfigError:
+        raise
+    except Exception as e:  # anything else the checkpoint's content trips in loading
         raise ConfigError(
-            f"cannot load the teacher weights MODEL.FGD.TEACHER.WEIGHTS={weights!r}: {type(e).__name__}: {e}"
+            f"cannot load the teacher weights MODEL.FGD.TEACHER.WEIGHTS={weights!r}: {brief(e)}"
         ) from e
     state_keys = set(teacher.state_dict().keys())
     incompatible = checkpointer.last_incompatible

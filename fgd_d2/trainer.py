@@ -109,7 +109,9 @@ class FGDTrainer(DefaultTrainer):
     def build_hooks(self):
         ret = super().build_hooks()
         if comm.is_main_process() and isinstance(_unwrap(self.model), FGDDistiller):
-            ret.append(StudentExport(self.cfg.OUTPUT_DIR))
+            # Before the final evaluation, so that a failing evaluation does not cost the trained student.
+            evaluation = next(i for i, hook in enumerate(ret) if isinstance(hook, hooks.EvalHook))
+            ret.insert(evaluation, StudentExport(self.cfg.OUTPUT_DIR))
         return ret
 
     def resume_or_load(self, resume=True):

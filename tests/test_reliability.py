@@ -85,8 +85,8 @@ def test_feature_size_mismatch_names_the_level_and_both_shapes(files, monkeypatc
 @pytest.mark.parametrize(
     "opts, message",
     [
-        (["MODEL.FGD.BETA", -1.0], "MODEL.FGD.BETA is a loss weight and must be >= 0"),
-        (["MODEL.FGD.TEMPERATURE", 0.0], "MODEL.FGD.TEMPERATURE must be > 0"),
+        (["MODEL.FGD.BETA", -1.0], "MODEL.FGD.BETA is a loss weight and must be a finite number >= 0"),
+        (["MODEL.FGD.TEMPERATURE", 0.0], "MODEL.FGD.TEMPERATURE must be a finite number > 0"),
         (["MODEL.FGD.BOX_SCALING", "cells"], "MODEL.FGD.BOX_SCALING='cells'"),
         (["MODEL.FGD.IN_FEATURES", "['p9']"], "level 'p9' does not exist"),
         (["MODEL.FGD.TEACHER.WEIGHTS", "/nonexistent/teacher.pth"], "MODEL.FGD.TEACHER.WEIGHTS"),
@@ -96,9 +96,16 @@ def test_feature_size_mismatch_names_the_level_and_both_shapes(files, monkeypatc
         (["MODEL.FGD.FEATURE_MASK", "boxes"], "MODEL.FGD.FEATURE_MASK='boxes'"),
         (["MODEL.FGD.NOT_A_KEY", 1], "Non-existent key: MODEL.FGD.NOT_A_KEY"),
         (["SOLVER.MAX_ITER"], "odd length"),
+        (["MODEL.FGD.TEMPERATURE", "inf"], "MODEL.FGD.TEMPERATURE must be a finite number > 0, got inf"),
+        (["MODEL.BACKBONE.NAME", "build_resnet_backbone"],
+         "the student (RetinaNet) cannot be built: its heads read the feature 'p3', which its backbone "
+         "MODEL.BACKBONE.NAME='build_resnet_backbone' does not produce (outputs: ['res3', 'res4', 'res5'])"),
+        (["MODEL.FGD.STUDENT_META_ARCHITECTURE", "GeneralizedRCNN"],
+         "Check that MODEL.FGD.STUDENT_META_ARCHITECTURE='GeneralizedRCNN' is the detector the config describes"),
     ],
     ids=["negative-weight", "temperature", "box-scaling", "in-features", "teacher-weights", "teacher-config",
-         "dataset-folder", "student-weights-missing", "feature-mask", "unknown-key", "odd-options"],
+         "dataset-folder", "student-weights-missing", "feature-mask", "unknown-key", "odd-options",
+         "temperature-inf", "student-without-fpn", "student-arch-mismatch"],
 )
 def test_train_net_reports_config_errors_without_traceback_before_data_loading(files, opts, message):
     config = write_config(files, "fgd")
@@ -113,16 +120,77 @@ def test_train_net_reports_config_errors_without_traceback_before_data_loading(f
     assert time.perf_counter() - start < 60
 
 
-def test_model_weights_that_load_nothing_fail_before_training(files, tmp_path):
+@pytest.mark.parametrize("content, message", [
+    ({"model": {"unrelated.weight": torch.zeros(2)}}, "loads no weight"),
+    (b"not a checkpoint", "cannot read the checkpoint"),
+    (torch.zeros(3), "cannot read the checkpoint"),
+    ([1, 2], "holds no state dict under 'model'"),
+], ids=["no-matching-key", "garbage-bytes", "bare-tensor", "list"])
+def test_model_weights_that_load_nothing_fail_before_training(files, tmp_path, content, message):
     wrong = tmp_path / "wrong.pth"
-    torch.save({"model": {"unrelated.weight": torch.zeros(2)}}, wrong)
+    if isinstance(content, bytes):
+        wrong.write_bytes(content)
+    else:
+        torch.save(content, wrong)
     config = write_config(files, "fgd")
     proc = run_train_net(["--config-file", config, "OUTPUT_DIR", tmp_path / "out", "MODEL.WEIGHTS", wrong],
                          timeout=120)
     output = proc.stdout + proc.stderr
-    assert proc.returncode != 0 and "loads no weight" in output and "MODEL.WEIGHTS" in output, output[-3000:]
+    assert proc.returncode != 0 and message in output and "MODEL.WEIGHTS" in output, output[-3000:]
     assert "Traceback" not in output and "Starting training" not in output
     assert "Loaded 4 images" not in output  # before the dataset is read
+
+
+def test_teacher_weights_that_are_not_a_checkpoint(files, tmp_path):
+    garbage = tmp_path / "teacher.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match=r"cannot read the checkpoint .*; check MODEL.FGD.TEACHER.WEIGHTS"):
+        FGDDistiller(tiny.distiller_cfg(files["teacher_config"], str(garbage)))
+
+
+def test_teacher_without_fpn_names_the_teachers_key(files, tmp_path):
+    cfg = tiny.distiller_cfg(files["teacher_config"], files["teacher_weights"],
+                             extra=["MODEL.FGD.TEACHER.OPTS", ["MODEL.BACKBONE.NAME", "build_resnet_backbone"]])
+    with pytest.raises(ConfigError, match="the teacher .* cannot be built.*MODEL.META_ARCHITECTURE of "
+                                          "MODEL.FGD.TEACHER.CONFIG_FILE"):
+        FGDDistiller(cfg)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_on_a_machine_without_cuda(files, tmp_path):
+    config = write_config(files, "fgd")
+    proc = run_train_net(["--config-file", config, "OUTPUT_DIR", tmp_path / "out", "MODEL.DEVICE", "cuda"],
+                         timeout=120)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "torch finds no CUDA device on this machine; set MODEL.DEVICE cpu" in output
+    assert "Traceback" not in output, output[-3000:]
+
+
+def test_broken_validation_json_fails_before_training(files, tmp_path):
+    data = tmp_path / "data"
+    make_shapes_dataset(str(data), num_train=4, num_val=2, image_size=(96, 72))
+    (data / "annotations" / "instances_val.json").write_text('{"images": [')
+    config = write_config(files, "fgd")
+    proc = run_train_net(["--config-file", config, "OUTPUT_DIR", tmp_path / "out", "DATASETS.COCO_FOLDER", data],
+                         timeout=120)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0, output[-3000:]
+    assert f"DATASETS.COCO_FOLDER: cannot read {data / 'annotations' / 'instances_val.json'}" in output
+    assert "Traceback" not in output and "Starting training" not in output
+
+
+def test_resume_from_a_corrupted_last_checkpoint_names_the_file(files, tmp_path):
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "model_0000001.pth").write_bytes(b"truncated")
+    (output / "last_checkpoint").write_text("model_0000001.pth")
+    config = write_config(files, "fgd")
+    proc = run_train_net(["--config-file", config, "--resume", "OUTPUT_DIR", output], timeout=120)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "Traceback" not in log, log[-3000:]
+    assert f"cannot read the checkpoint '{output / 'model_0000001.pth'}'" in log, log[-3000:]
+    assert f"it is the last checkpoint named by {output / 'last_checkpoint'}" in log
+    assert "Starting training" not in log
 
 
 def test_eval_only_without_student_weights_is_an_error(files, tmp_path):
@@ -143,13 +211,18 @@ def test_config_error_in_two_worker_processes_has_no_traceback(files, tmp_path):
                           tmp_path / "out", "MODEL.FGD.ALPHA", -1.0], timeout=300)
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0, output[-3000:]
-    assert "configuration error: MODEL.FGD.ALPHA is a loss weight and must be >= 0" in output, output[-3000:]
+    assert "configuration error: MODEL.FGD.ALPHA is a loss weight and must be a finite number >= 0" in output, output[-3000:]
     assert "Traceback" not in output, output[-3000:]
 
 
 def test_export_command_errors_are_one_line(files, tmp_path):
+    garbage, tensor = tmp_path / "garbage.pth", tmp_path / "tensor.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    torch.save(torch.zeros(3), tensor)
     for source, message in ((files["teacher_weights"], "is not an FGDDistiller checkpoint"),
-                            (tmp_path / "absent.pth", "No such file")):
+                            (tmp_path / "absent.pth", "No such file"),
+                            (garbage, f"cannot read {garbage} as a checkpoint"),
+                            (tensor, "is not an FGDDistiller checkpoint")):
         proc = subprocess.run([sys.executable, "-m", "fgd_d2.export", str(source), str(tmp_path / "s.pth")],
                               cwd=tiny.REPO, capture_output=True, text=True, timeout=120)
         output = proc.stdout + proc.stderr

@@ -138,3 +138,26 @@ def test_two_process_cpu_training(workspace):
     assert (output / "model_final_student.pth").is_file()
     metrics = [json.loads(line) for line in (output / "metrics.json").read_text().splitlines()]
     assert any("loss_fgd_fg" in m and m["iteration"] == 1 for m in metrics)
+
+
+def test_student_export_is_written_before_the_final_evaluation(workspace, tmp_path, monkeypatch):
+    from detectron2.config import get_cfg
+
+    from fgd_d2 import add_fgd_config
+    from fgd_d2.data import apply_coco_folder
+
+    cfg = get_cfg()
+    add_fgd_config(cfg)
+    cfg.merge_from_file(str(workspace["config"]))
+    cfg.merge_from_list(["SOLVER.MAX_ITER", 1, "OUTPUT_DIR", str(tmp_path)])
+    apply_coco_folder(cfg)
+
+    def failing_evaluation(*args, **kwargs):
+        raise RuntimeError("evaluation failed")
+
+    monkeypatch.setattr(FGDTrainer, "test", failing_evaluation)
+    trainer = FGDTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        trainer.train()
+    assert (tmp_path / "model_final_student.pth").is_file()
