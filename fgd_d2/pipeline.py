@@ -69,7 +69,7 @@ FAMILIES = {
 # iters = (teacher, students); None keeps the config's MAX_ITER.
 SCHEDULES = {
     "full": dict(iters=None, input=None, seeds=(0, 1), dataset=None),
-    "embedded": dict(iters=(300, 150), input=(192, 256), seeds=(0, 1), dataset=dict(num_train=160, num_val=40)),
+    "embedded": dict(iters=(500, 250), input=(192, 256), seeds=(0, 1), dataset=dict(num_train=160, num_val=40)),
     "quick": dict(iters=(3, 2), input=(96, 128), seeds=(0,), dataset=dict(num_train=8, num_val=4)),
 }
 
