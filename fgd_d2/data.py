@@ -3,6 +3,7 @@ import functools
 import hashlib
 import json
 import os
+from typing import Tuple
 
 from detectron2.data import DatasetCatalog
 from detectron2.data.datasets import register_coco_instances
@@ -41,21 +42,24 @@ def register_coco_folder(folder: str):
     """
     folder = os.path.abspath(folder)
     image_root, train_json, val_json = coco_folder_files(folder)
-    num_classes = _checked_num_classes(train_json, val_json)
+    class_names = _checked_class_names(train_json, val_json)
     # The path's hash keeps two folders of the same name apart within one process.
     prefix = f"{os.path.basename(folder)}_{hashlib.sha1(folder.encode()).hexdigest()[:6]}"
     names = (f"{prefix}_train", f"{prefix}_val")
     for name, json_file in zip(names, (train_json, val_json)):
         if name not in DatasetCatalog.list():
-            register_coco_instances(name, {}, json_file, image_root)
-    return names[0], names[1], num_classes
+            # Class names up front (as load_coco_json sets them, by category id), for visualisers that run before
+            # the dataset is loaded.
+            register_coco_instances(name, {"thing_classes": list(class_names)}, json_file, image_root)
+    return names[0], names[1], len(class_names)
 
 
 @functools.lru_cache(maxsize=None)
-def _checked_num_classes(train_json: str, val_json: str) -> int:
+def _checked_class_names(train_json: str, val_json: str) -> Tuple[str, ...]:
     """
-    Number of categories of a COCO folder, after checking that both annotation files parse as COCO instance files
-    with the same categories (the validation file is otherwise read only by the evaluation after training).
+    Category names of a COCO folder in category-id order, after checking that both annotation files parse as COCO
+    instance files with the same categories (the validation file is otherwise read only by the evaluation after
+    training).
     """
     categories = []
     for path in (train_json, val_json):
@@ -72,7 +76,7 @@ def _checked_num_classes(train_json: str, val_json: str) -> int:
         categories.append(sorted((c.get("id"), c.get("name")) for c in data["categories"]))
     if categories[0] != categories[1]:
         raise ConfigError(f"DATASETS.COCO_FOLDER: {train_json} and {val_json} list different categories")
-    return len(categories[0])
+    return tuple(name for _, name in categories[0])
 
 
 def apply_coco_folder(cfg) -> None:

@@ -161,3 +161,16 @@ def test_student_export_is_written_before_the_final_evaluation(workspace, tmp_pa
     with pytest.raises(RuntimeError, match="evaluation failed"):
         trainer.train()
     assert (tmp_path / "model_final_student.pth").is_file()
+
+
+def test_coco_folder_registration_gives_class_names_before_loading(tmp_path):
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    from fgd_d2.data import register_coco_folder
+
+    data = make_shapes_dataset(str(tmp_path / "shapes"), num_train=2, num_val=2, image_size=(64, 48))
+    train, val, num_classes = register_coco_folder(data)
+    names = MetadataCatalog.get(val).thing_classes
+    assert num_classes == 3 and names == ["square", "disc", "triangle"]
+    assert len(DatasetCatalog.get(val)) == 2  # load_coco_json agrees with the names set at registration
+    assert MetadataCatalog.get(val).thing_classes == names
