@@ -3,6 +3,7 @@ The FGD loss of one FPN level: focal (foreground / background), attention and gl
 
 Pure torch; knows nothing about Detectron2. ``FGD_SPEC.md`` is the numerical contract.
 """
+import math
 from typing import Dict, Sequence, Tuple
 
 import torch
@@ -90,11 +91,11 @@ class FGDLoss(nn.Module):
             relation: relation module of the global term, one of ``RELATION_MODULES`` ("GcBlock", "NonLocal").
         """
         super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if not 0 < temperature < math.inf:
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
         for name, value in (("alpha", alpha), ("beta", beta), ("gamma", gamma), ("lambda_", lambda_)):
-            if value < 0:
-                raise ValueError(f"loss weight {name} must be >= 0, got {value}")
+            if not 0 <= value < math.inf:
+                raise ValueError(f"loss weight {name} must be a finite number >= 0, got {value}")
         if box_scaling not in BOX_SCALING_MODES:
             raise ValueError(f"box_scaling must be one of {BOX_SCALING_MODES}, got {box_scaling!r}")
         if feature_mask not in FEATURE_MASKS:

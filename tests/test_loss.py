@@ -29,7 +29,9 @@ def test_defaults_are_the_one_stage_preset_and_public():
 
 
 @pytest.mark.parametrize("kw,match", [(dict(temperature=0), "temperature"), (dict(alpha=-1), "alpha"),
-                                      (dict(lambda_=-1e-9), "lambda_"), (dict(box_scaling="x"), "box_scaling")])
+                                      (dict(lambda_=-1e-9), "lambda_"), (dict(box_scaling="x"), "box_scaling"),
+                                      (dict(temperature=float("inf")), "temperature"),
+                                      (dict(beta=float("nan")), "beta")])
 def test_rejects_bad_arguments(kw, match):
     with pytest.raises(ValueError, match=match):
         FGDLoss(**kw)
